@@ -38,7 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fastcap.eval.metrics import EvaluationError
     from fastcap.train.checkpoint import CheckpointError
     from fastcap.train.loop import TrainingError
-    from fastcap.train.recipe import ConfigError
+    from fastcap.device import ConfigError
 
     return DataError, CheckpointError, TrainingError, ConfigError, EvaluationError, ValueError
 

@@ -20,6 +20,7 @@ from fastcap.data.coco import CaptionDataset
 from fastcap.data.splits import DataConfig, load_splits, references
 from fastcap.data.transforms import eval_transform, train_transform
 from fastcap.data.vocab import EOS_ID, Vocab, tokenize
+from fastcap.device import ConfigError, resolve_device, resolve_precision
 from fastcap.eval.decode import DecodeConfig, decode_records, write_results
 from fastcap.logger import LoggerConfig, build_logger
 from fastcap.model.captioner import FastCap, ModelConfig
@@ -28,40 +29,12 @@ from fastcap.train.loop import LoopConfig, fit
 from fastcap.train.objectives import CrossEntropy, SelfCritical
 
 
-class ConfigError(Exception):
-    """A config value that cannot work; the message names the key."""
-
-
 @dataclass
 class Job:
     """Where this run writes and how it is named (from Hydra, or set by a test)."""
     out_dir: Path
     name: str = "run"
     group: str | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=auto or device=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"training.precision={precision!r}: use auto, fp32, bf16 or fp16")
-    if precision == "auto":
-        # bf16 autocast on a CPU without native bf16 matmuls (AVX512-BF16 / AMX) is slower than fp32.
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("training.precision=fp16 needs CUDA (GradScaler); use bf16 or fp32 on CPU")
-    return precision
 
 
 def loop_config(tcfg: dict, data: DataConfig, precision: str, seed: int) -> LoopConfig:

@@ -12,6 +12,8 @@ from typing import Callable
 
 from torch import nn
 
+from fastcap.device import ConfigError
+
 MODES = ("standard", "pmtd")
 
 
@@ -28,7 +30,10 @@ def build(stage: str, tcfg: dict, cfg: dict, *, model: nn.Module, vocab, train_r
           log=print) -> StageHook:
     mode = tcfg.get("mode", "standard")
     if mode not in MODES:
-        from fastcap.train.recipe import ConfigError
-
         raise ConfigError(f"training.mode={mode!r}: use one of {MODES}")
+    if mode == "pmtd":
+        from fastcap.distill import build_pmtd
+
+        return StageHook(model, build_pmtd(tcfg, student=model, vocab=vocab, train_records=train_records,
+                                           device=device, log=log))
     return StageHook(model)
