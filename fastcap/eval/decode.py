@@ -45,3 +45,30 @@ def write_results(captions: dict[int, str], path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()], indent=1))
     return path
+
+
+def evaluate_records(model: nn.Module, records: list[ImageRecord], vocab: Vocab, transform, cfg: DecodeConfig,
+                     device: torch.device, scorer, num_workers: int = 0,
+                     skip_bad_images: bool = False) -> tuple[dict, dict, dict]:
+    """Decode and score a split -> (corpus scores, per-image CIDEr, captions)."""
+    caps = decode_records(model, records, vocab, transform, cfg, device, num_workers, skip_bad_images)
+    refs = {r.image_id: list(r.captions) for r in records}
+    scores, per_image = scorer.score({i: refs[i] for i in caps}, caps)
+    return scores, per_image, caps
+
+
+def write_report(out_dir: str | Path, split: str, records: list[ImageRecord], caps: dict[int, str],
+                 per_image: dict[int, float], logger=None) -> list[dict]:
+    """captions_<split>.json (COCO results) and gallery.html; the worst 50 also to the logger as a table."""
+    from fastcap.eval.gallery import write_gallery
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(caps, out_dir / f"captions_{split}.json")
+    by_id = {r.image_id: r for r in records}
+    items = [{"image_path": by_id[i].path, "image_id": i, "caption": c, "references": list(by_id[i].captions),
+              "cider": per_image.get(i, 0.0)} for i, c in caps.items()]
+    write_gallery(out_dir / "gallery.html", items, title=f"FastCap captions ({split})")
+    if logger is not None:
+        logger.log_captions(f"{split}/captions", sorted(items, key=lambda it: it["cider"])[:50])
+    return items

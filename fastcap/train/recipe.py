@@ -7,7 +7,6 @@ small stage hook (distillation builds teachers, QAT swaps in fake-quant layers).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,9 +20,10 @@ from fastcap.data.splits import DataConfig, load_splits, references
 from fastcap.data.transforms import eval_transform, train_transform
 from fastcap.data.vocab import EOS_ID, Vocab, tokenize
 from fastcap.device import ConfigError, resolve_device, resolve_precision
-from fastcap.eval.decode import DecodeConfig, decode_records, write_results
+from fastcap.eval.decode import DecodeConfig, decode_records, evaluate_records, write_report
 from fastcap.logger import LoggerConfig, build_logger
 from fastcap.model.captioner import FastCap, ModelConfig
+from fastcap.quant import strip_qat_state
 from fastcap.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from fastcap.train.loop import LoopConfig, fit
 from fastcap.train.objectives import CrossEntropy, SelfCritical
@@ -117,7 +117,9 @@ def train(cfg: dict, job: Job, log=print) -> dict:
     model_cfg.vocab_size = len(vocab)
     model = FastCap(model_cfg)
     if start is not None:
-        load_model_weights(model, grow_vocab_rows(start["model"], model), strict=tcfg.get("strict_load", True),
+        # QAT checkpoints carry activation-range buffers that the plain model gets only from the QAT hook.
+        load_model_weights(model, grow_vocab_rows(strip_qat_state(start["model"]), model),
+                           strict=tcfg.get("strict_load", True),
                            source=f"checkpoint {tcfg['resume_checkpoint']}", log=log)
         if not continuing:
             log(f"loaded weights of a '{start.get('stage')}' checkpoint from {tcfg['resume_checkpoint']}; "
@@ -126,10 +128,13 @@ def train(cfg: dict, job: Job, log=print) -> dict:
         f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M), vocab {len(vocab)}, "
         f"device {device}, precision {precision}")
 
+    extra = {"model_config": model_cfg.to_dict(), "vocab": vocab.itos, "config": cfg}
     from fastcap.train import stages  # stage hooks: distillation teachers, QAT layers
     hook = stages.build(stage, tcfg, cfg, model=model, vocab=vocab, train_records=train_recs,
-                        device=device, out_dir=out_dir, log=log)
+                        device=device, out_dir=out_dir, start=start, extra=extra, log=log)
     model = hook.model.to(device)
+    if continuing:
+        model.load_state_dict(start["model"])  # now with any stage-specific buffers
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
 
@@ -156,7 +161,6 @@ def train(cfg: dict, job: Job, log=print) -> dict:
         logger.log({f"val/{k}": v for k, v in scores.items()} | {"epoch": epoch})
         return scores
 
-    extra = {"model_config": model_cfg.to_dict(), "vocab": vocab.itos, "config": cfg}
     exit_code = 1
     try:
         best = fit(model, objective, train_set, loop_config(tcfg, data_cfg, precision, seed), validate=validate,
@@ -193,7 +197,6 @@ def build_objective(tcfg: dict, vocab: Vocab, train_recs: list, max_len: int):
 def finalize(model, hook, best: dict, *, vocab, val_recs, val_subset, dec, val_tf, scorer, device, out_dir: Path,
              logger, data_cfg: DataConfig, log=print) -> dict:
     """Score the best checkpoint on the whole val split; write metrics.json, captions_val.json, the gallery."""
-    from fastcap.eval.gallery import write_gallery
     from fastcap.eval.metrics import format_table
 
     best_path = out_dir / "checkpoints" / "best_checkpoint.pth.tar"
@@ -203,25 +206,16 @@ def finalize(model, hook, best: dict, *, vocab, val_recs, val_subset, dec, val_t
     net = getattr(model, "module", model)
     state = load_checkpoint(best_path)
     net.load_state_dict(state["model"])
-    caps = decode_records(net, val_recs, vocab, val_tf, dec, device, data_cfg.num_workers, data_cfg.skip_bad_images)
-    refs = references(val_recs)
-    scores, per_image = scorer.score({i: refs[i] for i in caps}, caps)
+    scores, per_image, caps = evaluate_records(net, val_recs, vocab, val_tf, dec, device, scorer,
+                                               data_cfg.num_workers, data_cfg.skip_bad_images)
     metrics = {**scores, "epoch": best.get("epoch", state["epoch"]), "num_images": len(caps)}
     if len(val_subset) < len(val_recs):
         metrics["CIDEr_subset"] = best.get("CIDEr")
     log(f"best checkpoint (epoch {metrics['epoch']}) on the full val split ({len(caps)} images):\n"
         f"{format_table(scores)}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_results(caps, out_dir / "captions_val.json")
-    by_id = {r.image_id: r for r in val_recs}
-    items = [{"image_path": by_id[i].path, "image_id": i, "caption": c, "references": list(by_id[i].captions),
-              "cider": per_image.get(i, 0.0)} for i, c in caps.items()]
-    write_gallery(out_dir / "gallery.html", items)
-    worst_first = sorted(items, key=lambda it: it["cider"])[:50]
-    logger.log_captions("val/captions", worst_first)
+    write_report(out_dir, "val", val_recs, caps, per_image, logger)
     logger.summary({f"best/{k}": v for k, v in metrics.items()})
     logger.log_artifact(best_path, "best_checkpoint", "model")
     hook.finish(net, out_dir, metrics)
-    if not math.isfinite(metrics.get("CIDEr", 0.0)):
-        log("warning: CIDEr is not finite")
     return metrics
