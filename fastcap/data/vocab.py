@@ -16,7 +16,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 # PTB splits clitics off ("don't" -> "do n't", "dog's" -> "dog 's").
 _CLITIC = re.compile(r"(?i)\b(\w+)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_WORD = re.compile(r"[a-z0-9]+|n't|'[a-z]+")
+_WORD = re.compile(r"n't|[a-z0-9]+|'[a-z]+")
 
 
 def tokenize(caption: str) -> list[str]:

@@ -1,0 +1,143 @@
+"""Data pipeline: real COCO files (coco-mini), and a clear error for every kind of bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import COCO_MINI, run_train
+from fastcap.data.coco import DataError, load_coco_captions
+from fastcap.data.splits import DataConfig, load_splits
+from fastcap.data.vocab import Vocab, tokenize
+
+needs_coco_mini = pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/fixtures/coco-mini not present")
+
+
+def coco_overrides(root) -> list[str]:
+    return ["data=coco", f"data.train_annotations={root}/captions_train2017.json",
+            f"data.val_annotations={root}/captions_val2017.json", f"data.image_dir={root}/images",
+            "data.min_word_count=1", "data.num_workers=0", "data.pin_memory=false", "training.num_epochs=1"]
+
+
+def write(path, obj) -> str:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_tokenize_matches_ptb_conventions():
+    assert tokenize("A man's dog, running!") == ["a", "man", "'s", "dog", "running"]
+    assert tokenize("It doesn't fit.") == ["it", "does", "n't", "fit"]
+
+
+def test_vocab_extend_keeps_old_ids():
+    v = Vocab.build(["a red ball", "a blue box"])
+    w = v.extended(["a green star"])
+    assert w.itos[: len(v)] == v.itos and "green" in w.stoi and len(w) == len(v) + 2
+
+
+@needs_coco_mini
+def test_real_coco_json_and_jpegs_train_and_decode(tmp_path):
+    """51 real COCO images of varied sizes with the official JSON (all its extra fields)."""
+    recs = load_coco_captions(COCO_MINI / "captions_train2017.json", COCO_MINI / "images")
+    assert len(recs) == 26 and all(len(r.captions) >= 5 for r in recs)
+    metrics = run_train(coco_overrides(COCO_MINI) + ["model.encoder.image_size=32"], tmp_path)
+    assert "CIDEr" in metrics
+    results = json.loads((tmp_path / "captions_val.json").read_text())
+    assert len(results) == 25
+
+
+def good_coco(tmp_path, n=2):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    src = sorted(COCO_MINI.glob("images/*.jpg"))[:n]
+    images = []
+    for i, s in enumerate(src):
+        shutil.copy(s, img_dir / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 1, "height": 1})
+    anns = [{"id": 10 * i + k, "image_id": i, "caption": f"a photo number {i} {k}"} for i in range(n) for k in range(5)]
+    return {"images": images, "annotations": anns}, img_dir
+
+
+@needs_coco_mini
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda d: d.pop("annotations"), "not COCO captions format"),
+    (lambda d: d["annotations"][0].update(caption=5), "caption is not a string"),
+    (lambda d: d["annotations"][0].update(caption="  "), "empty caption"),
+    (lambda d: d["annotations"][0].update(image_id=999), "image id 999"),
+    (lambda d: d["images"][0].pop("file_name"), "needs 'id' and 'file_name'"),
+])
+def test_malformed_annotations_name_the_file_and_fault(tmp_path, mutate, expected):
+    data, img_dir = good_coco(tmp_path)
+    mutate(data)
+    path = write(tmp_path / "bad.json", data)
+    with pytest.raises(DataError, match=expected) as info:
+        load_coco_captions(path, img_dir)
+    assert "bad.json" in str(info.value)
+
+
+def test_missing_and_invalid_json(tmp_path):
+    with pytest.raises(DataError, match="not found: .*nope.json"):
+        load_coco_captions(tmp_path / "nope.json", tmp_path)
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_coco_captions(write(tmp_path / "broken.json", "{\"images\": ["), tmp_path)
+    with pytest.raises(DataError, match="no images with captions"):
+        load_coco_captions(write(tmp_path / "empty.json", {"images": [], "annotations": []}), tmp_path)
+
+
+@needs_coco_mini
+def test_missing_image_fails_or_is_skipped(tmp_path):
+    data, img_dir = good_coco(tmp_path, 3)
+    (img_dir / "1.jpg").unlink()
+    ann = write(tmp_path / "a.json", data)
+    cfg = DataConfig.from_dict({"format": "coco", "train_annotations": ann, "val_annotations": ann,
+                                "image_dir": str(img_dir)})
+    with pytest.raises(DataError, match=r"1 image file\(s\) missing.*1\.jpg.*skip_bad_images"):
+        load_splits(cfg, ("train",))
+    cfg.skip_bad_images = True
+    logs = []
+    assert len(load_splits(cfg, ("train",), log=logs.append)["train"]) == 2
+    assert any("skipping 1 image" in m for m in logs)
+
+
+@needs_coco_mini
+def test_corrupt_image_fails_with_its_path_or_is_skipped_and_counted(tmp_path):
+    data, img_dir = good_coco(tmp_path, 3)
+    (img_dir / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    ann = write(tmp_path / "a.json", data)
+    base = ["data=coco", f"data.train_annotations={ann}", f"data.val_annotations={ann}", f"data.image_dir={img_dir}",
+            "data.num_workers=0", "data.pin_memory=false", "training.num_epochs=1", "data.batch_size=2"]
+    with pytest.raises(DataError, match=r"cannot read image .*2\.jpg"):
+        run_train(base, tmp_path / "run1")
+    metrics = run_train(base + ["data.skip_bad_images=true"], tmp_path / "run2")
+    assert metrics["num_images"] == 2
+
+
+def test_unknown_data_key_and_format():
+    with pytest.raises(DataError, match="unknown data config key"):
+        DataConfig.from_dict({"trian_annotations": "x"})
+    with pytest.raises(DataError, match="data.format='parquet'"):
+        DataConfig.from_dict({"format": "parquet"})
+
+
+def test_coco_without_paths_says_which_keys(tmp_path):
+    with pytest.raises(DataError, match="data.train_annotations"):
+        load_splits(DataConfig.from_dict({"format": "coco"}))
+
+
+def test_karpathy_split_file(tmp_path):
+    data, img_dir = (None, None)
+    img = tmp_path / "imgs" / "val2014"
+    img.mkdir(parents=True)
+    src = next(iter(sorted(COCO_MINI.glob("images/*.jpg"))), None)
+    if src is None:
+        pytest.skip("coco-mini not present")
+    images = []
+    for i, split in enumerate(["train", "restval", "val", "test"]):
+        shutil.copy(src, img / f"{i}.jpg")
+        images.append({"filepath": "val2014", "filename": f"{i}.jpg", "split": split, "cocoid": i,
+                       "sentences": [{"raw": f"caption {i} {k}"} for k in range(5)]})
+    path = write(tmp_path / "dataset_coco.json", {"images": images})
+    cfg = DataConfig.from_dict({"format": "coco", "karpathy_split": path, "image_dir": str(tmp_path / "imgs")})
+    splits = load_splits(cfg, ("train", "val", "test"))
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]  # restval folds into train
