@@ -62,3 +62,11 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, module
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_root) -> Path:
+    """A tiny scratch run whose checkpoints later stages start from."""
+    out = tmp_path_factory.mktemp("scratch")
+    run_train([], out, data_root)
+    return out
