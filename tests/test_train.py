@@ -87,3 +87,22 @@ def test_every_training_config_composes():
         cfg = compose_cfg([f"training={stage}"])
         assert cfg["training"]["stage"] == stage
     assert (ROOT / "conf" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, data_root):
+    """torchrun with 2 gloo processes: one output dir, rank 0 saves and logs, the data is sharded."""
+    import subprocess
+    import sys
+    from conftest import TINY
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = TINY + [f"data.root={data_root}", "data.batch_size=4", f"hydra.run.dir={tmp_path}"]
+    r = subprocess.run(torchrun + ["-m", "fastcap", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pth.tar")
+    # 24 images / 2 ranks / batch 4 = 3 steps per epoch, 2 epochs
+    assert state["step"] == 6 and state["epoch"] == 2
+    assert (tmp_path / "metrics.json").exists()
+    assert (r.stdout + r.stderr).count("best checkpoint (epoch") == 1  # only rank 0 evaluates and prints
