@@ -17,6 +17,7 @@ class LoggerConfig:
     project: str = "fastcap"
     entity: str | None = None
     mode: str = "offline"     # offline | online | disabled
+    group: str | None = None  # W&B group; default: the multirun sweep's folder name
     log_images: bool = True
     log_checkpoint: bool = True
 
@@ -43,7 +44,7 @@ class WandbLogger(NullLogger):
         self.wandb, self.cfg = wandb, cfg
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
-                              name=run_name, group=group, job_type=job_type, config=config,
+                              name=run_name, group=cfg.group or group, job_type=job_type, config=config,
                               reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log(self, data: dict, step: int | None = None) -> None:

@@ -141,3 +141,33 @@ def test_karpathy_split_file(tmp_path):
     cfg = DataConfig.from_dict({"format": "coco", "karpathy_split": path, "image_dir": str(tmp_path / "imgs")})
     splits = load_splits(cfg, ("train", "val", "test"))
     assert [len(splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]  # restval folds into train
+
+
+@needs_coco_mini
+@pytest.mark.parametrize("kind", ["tsv", "jsonl"])
+def test_web_corpus_trains_with_a_coco_val_split(tmp_path, kind):
+    recs = load_coco_captions(COCO_MINI / "captions_train2017.json", COCO_MINI / "images")
+    if kind == "tsv":
+        lines = ["image\tcaption"] + [f"{r.path.rsplit('/', 1)[1]}\t{r.captions[0]}" for r in recs]
+    else:
+        lines = [json.dumps({"image": r.path.rsplit("/", 1)[1], "caption": r.captions[0]}) for r in recs]
+    corpus = write(tmp_path / f"train.{kind}", "\n".join(lines) + "\n")
+    from fastcap.data.corpus import CorpusRecords
+
+    lazy = CorpusRecords(corpus, COCO_MINI / "images")
+    assert len(lazy) == 26 and lazy[3].captions == (recs[3].captions[0],)
+    metrics = run_train(["data=corpus", f"data.train_annotations={corpus}", "data.num_workers=0",
+                         f"data.val_annotations={COCO_MINI}/captions_val2017.json", f"data.image_dir={COCO_MINI}/images",
+                         "data.min_word_count=1", "training.num_epochs=1", "data.pin_memory=false"], tmp_path / "run")
+    assert metrics["num_images"] == 25
+
+
+def test_malformed_corpus_line_names_the_pair(tmp_path):
+    from fastcap.data.corpus import CorpusRecords
+
+    path = write(tmp_path / "c.tsv", "a.jpg\ta caption\nb.jpg\n")
+    recs = CorpusRecords(path, tmp_path)
+    with pytest.raises(DataError, match=r"c.tsv, pair 2: expected an image path and a non-empty caption"):
+        recs[1]
+    with pytest.raises(DataError, match="not valid JSON"):
+        CorpusRecords(write(tmp_path / "c.jsonl", "{oops\n"), tmp_path)

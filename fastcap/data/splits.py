@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from fastcap.data.coco import DataError, ImageRecord, check_images, load_coco_captions, load_karpathy
 
-FORMATS = ("synthetic", "coco", "karpathy")
+FORMATS = ("synthetic", "coco", "karpathy", "corpus")
 
 
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    format: str = "synthetic"          # synthetic | coco | karpathy
+    format: str = "synthetic"          # synthetic | coco | karpathy | corpus (TSV/JSONL + image folder)
     # built-in caption world
     root: str = "outputs/data"
     variant: str = "clean"             # clean | web
@@ -63,6 +64,19 @@ def load_splits(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), log
                             "and data.image_dir=PATH")
         for s in splits:
             out[s] = load_karpathy(cfg.karpathy_split, cfg.image_dir, s)
+    elif cfg.format == "corpus":
+        from fastcap.data.corpus import CorpusRecords
+
+        for s in splits:
+            path = getattr(cfg, f"{s}_annotations")
+            if not path or not cfg.image_dir:
+                raise DataError(f"data.format=corpus needs data.{s}_annotations=PATH (a .tsv/.jsonl captions file, "
+                                "or a COCO captions .json for val/test) and data.image_dir=PATH")
+            if Path(path).suffix.lower() in (".tsv", ".jsonl", ".txt"):
+                out[s] = CorpusRecords(path, cfg.image_dir)  # lazy: image files are checked when read
+            else:
+                out[s] = check_images(load_coco_captions(path, cfg.image_dir), cfg.skip_bad_images, log)
+        return out
     else:  # coco
         if cfg.karpathy_split:
             if not cfg.image_dir:

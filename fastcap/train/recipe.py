@@ -92,7 +92,7 @@ def train(cfg: dict, job: Job, log=print) -> dict:
     data_cfg = DataConfig.from_dict(cfg["data"])
     splits = load_splits(data_cfg, ("train", "val"), log=log)
     train_recs, val_recs = splits["train"], splits["val"]
-    train_caps = [c for r in train_recs for c in r.captions]
+    train_caps = lambda: (c for r in train_recs for c in r.captions)  # noqa: E731  (a corpus may not fit in RAM)
 
     start = load_checkpoint(tcfg["resume_checkpoint"]) if tcfg.get("resume_checkpoint") else None
     if start is not None and start.get("kind") == "quantized":
@@ -102,16 +102,19 @@ def train(cfg: dict, job: Job, log=print) -> dict:
     continuing = (start is not None and start.get("stage") == stage
                   and same_architecture(start["model_config"], model_cfg.to_dict()))
     if start is None:
-        vocab = Vocab.build(train_caps, data_cfg.min_word_count)
+        vocab = Vocab.build(train_caps(), data_cfg.min_word_count)
     else:
         vocab = Vocab(start["vocab"])
         if not continuing and tcfg.get("vocab_mode", "keep") == "extend":
-            grown = vocab.extended(train_caps, data_cfg.min_word_count)
+            grown = vocab.extended(train_caps(), data_cfg.min_word_count)
             log(f"vocabulary extended from {len(vocab)} to {len(grown)} tokens with the new data's words")
             vocab = grown
         elif not continuing:
-            words = [w for c in train_caps for w in tokenize(c)]
-            oov = sum(w not in vocab.stoi for w in words) / max(1, len(words))
+            n = unknown = 0
+            for c in train_caps():
+                for w in tokenize(c):
+                    n, unknown = n + 1, unknown + (w not in vocab.stoi)
+            oov = unknown / max(1, n)
             log(f"using the checkpoint's vocabulary ({len(vocab)} tokens); {100 * oov:.2f}% of training "
                 "words are unknown to it (training.vocab_mode=extend would add them)")
     model_cfg.vocab_size = len(vocab)
