@@ -106,3 +106,24 @@ def test_ddp_two_cpu_processes(tmp_path, data_root):
     assert state["step"] == 6 and state["epoch"] == 2
     assert (tmp_path / "metrics.json").exists()
     assert (r.stdout + r.stderr).count("best checkpoint (epoch") == 1  # only rank 0 evaluates and prints
+
+
+def test_cached_features_train_without_the_image_pipeline(tmp_path, data_root, monkeypatch):
+    import fastcap.data.coco as coco
+
+    best = run_train(["model.encoder.freeze=true", "data.augment=false", "data.cache_features=true"],
+                     tmp_path, data_root)
+    assert (tmp_path / "feature_cache" / "train.npy").exists() and "CIDEr" in best
+    # a second run reuses the cache: no training image is decoded again (only val images)
+    loaded = []
+    monkeypatch.setattr(coco, "load_image", lambda p: loaded.append(p) or coco.Image.new("RGB", (32, 32)))
+    run_train(["model.encoder.freeze=true", "data.augment=false", "data.cache_features=true",
+               "training.num_epochs=1"], tmp_path, data_root)
+    assert all("/val_" in p for p in loaded), loaded[:3]
+
+
+def test_cached_features_refuse_augmentation(tmp_path, data_root):
+    from fastcap.device import ConfigError
+
+    with pytest.raises(ConfigError, match="model.encoder.freeze=true and data.augment=false"):
+        run_train(["data.cache_features=true"], tmp_path, data_root)

@@ -140,20 +140,23 @@ class CaptionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _load(self, index: int, rec: ImageRecord):
+        return load_image(rec.path)
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | None:
         rec = self.records[index]
         try:
-            img = load_image(rec.path)
+            img = self._load(index, rec)
         except DataError:
             if self.skip_bad_images:
                 return None
             raise
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
-            x = self.transform(img)
+            x = self.transform(img) if self.transform is not None else img
             order = torch.randperm(len(rec.captions)).tolist()
         # Cycle through the captions when an image has fewer than seq_per_img.
         chosen = [rec.captions[order[k % len(order)]] for k in range(self.seq_per_img)]

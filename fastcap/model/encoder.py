@@ -42,6 +42,8 @@ class ViTEncoder(nn.Module):
         self.out_dim = cfg.width
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # already-encoded features [B, S, C] from data.cache_features
+            return x
         x = self.patch(x).flatten(2).transpose(1, 2)
         if x.shape[1] != self.pos.shape[1]:
             raise ValueError(f"image gives {x.shape[1]} patches, the encoder was built for {self.pos.shape[1]}: "
@@ -77,6 +79,8 @@ class CNNEncoder(nn.Module):
             self.out_dim = net.classifier[0].in_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # already-encoded features [B, S, C] from data.cache_features
+            return x
         return self.body(x).flatten(2).transpose(1, 2)
 
 

@@ -142,9 +142,13 @@ def train(cfg: dict, job: Job, log=print) -> dict:
         model = nn.parallel.DistributedDataParallel(model)
 
     objective = hook.objective or build_objective(tcfg, vocab, train_recs, model_cfg.max_len)
-    train_set = CaptionDataset(train_recs, vocab, train_transform(model_cfg.encoder.image_size, data_cfg.augment),
-                               max_len=model_cfg.max_len, seq_per_img=data_cfg.seq_per_img, seed=seed,
-                               skip_bad_images=data_cfg.skip_bad_images)
+    ds_args = dict(max_len=model_cfg.max_len, seq_per_img=data_cfg.seq_per_img, seed=seed,
+                   skip_bad_images=data_cfg.skip_bad_images)
+    if data_cfg.cache_features:
+        train_set = feature_dataset(model, train_recs, vocab, data_cfg, tcfg, device, out_dir, ds_args, log)
+    else:
+        train_set = CaptionDataset(train_recs, vocab, train_transform(model_cfg.encoder.image_size, data_cfg.augment),
+                                   **ds_args)
     ev = cfg["eval"]
     dec = DecodeConfig(beam_size=ev["beam_size"], max_len=model_cfg.max_len, batch_size=ev.get("batch_size", 64))
     val_tf = eval_transform(model_cfg.encoder.image_size)
@@ -181,6 +185,20 @@ def train(cfg: dict, job: Job, log=print) -> dict:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return best
+
+
+def feature_dataset(model, train_recs, vocab, data_cfg: DataConfig, tcfg: dict, device, out_dir: Path, ds_args: dict,
+                    log=print):
+    from fastcap.data.features import FeatureDataset, cache_features
+
+    net = getattr(model, "module", model)
+    if not net.cfg.encoder.freeze or data_cfg.augment or tcfg.get("mode") == "pmtd" or tcfg.get("stage") == "qat":
+        raise ConfigError("data.cache_features=true needs model.encoder.freeze=true and data.augment=false (the "
+                          "features must not change between epochs), and works with the standard mode only "
+                          "(teachers and QAT need the images)")
+    feats = cache_features(net.encoder, train_recs, eval_transform(net.cfg.encoder.image_size),
+                           out_dir / "feature_cache" / "train.npy", device, log=log)
+    return FeatureDataset(feats, train_recs, vocab, **ds_args)
 
 
 def build_objective(tcfg: dict, vocab: Vocab, train_recs: list, max_len: int):
