@@ -55,4 +55,22 @@ def guarded(fn: Callable[[], T]) -> T:
         if os.environ.get("FASTCAP_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if in_multirun():
+            # Let Hydra mark this job failed: the basic sweeper then stops at this batch (the chain relies
+            # on it), and Optuna records a failed trial instead of losing the whole study.
+            raise JobFailed(str(e).splitlines()[0]) from None
         sys.exit(2)
+
+
+class JobFailed(Exception):
+    """A multirun job stopped on a user error (already printed)."""
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False

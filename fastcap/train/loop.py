@@ -251,7 +251,12 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
             last = epoch >= cfg.num_epochs or done
             if validate is not None and (epoch % cfg.val_every == 0 or last):
                 eval_model = ema.module if ema is not None else net
-                metrics = validate(eval_model, epoch, last) if rank == 0 else {}
+                try:
+                    metrics = validate(eval_model, epoch, last) if rank == 0 else {}
+                except Exception:
+                    if stop.signum:  # Ctrl-C also reaches the Java scorers and breaks validation
+                        raise Interrupted(stop.signum, save("checkpoint.pth.tar")) from None
+                    raise
                 if world > 1:
                     box = [metrics]
                     dist.broadcast_object_list(box, src=0)
