@@ -83,7 +83,7 @@ def test_bad_config_value_is_a_short_error(tmp_path):
 
 
 def test_every_training_config_composes():
-    for stage in ("scratch",):
+    for stage in ("scratch", "pretrain", "finetune", "distill", "qat"):
         cfg = compose_cfg([f"training={stage}"])
         assert cfg["training"]["stage"] == stage
     assert (ROOT / "conf" / "config.yaml").exists()

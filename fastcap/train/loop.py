@@ -120,6 +120,10 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
     """
     net = unwrap(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # An objective may own trainable parameters (distillation's hidden-state projections).
+    extra = [p for p in objective.parameters() if p.requires_grad] if isinstance(objective, nn.Module) else []
+    if extra:
+        optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
@@ -145,6 +149,8 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
             scaler.load_state_dict(resume["scaler"])
         if ema is not None and resume.get("ema"):
             ema.load_state_dict(resume["ema"])
+        if isinstance(objective, nn.Module) and resume.get("objective"):
+            objective.load_state_dict(resume["objective"])
         epoch, step, batch_in_epoch = resume["epoch"], resume["step"], resume["batch_in_epoch"]
         best, best_score = resume.get("best_metrics", {}), resume.get("best_score", -math.inf)
         bad_epochs = resume.get("bad_epochs", 0)
@@ -156,6 +162,7 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
+                "objective": objective.state_dict() if isinstance(objective, nn.Module) else None,
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
                 "best_score": best_score, "best_metrics": best, "bad_epochs": bad_epochs}
 
@@ -187,6 +194,8 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
                     continue
                 batch = _to_device(batch, device)
                 counter = FlopCounterMode(display=False) if flops_per_image is None else contextlib.nullcontext()
+                if hasattr(objective, "set_progress"):  # curricula (PMTD) follow the schedule's progress
+                    objective.set_progress(step / max(1, total_steps))
                 with counter:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         loss, logs = objective(model, batch)
@@ -207,7 +216,7 @@ def fit(model: nn.Module, objective: Callable, train_set: Dataset, cfg: LoopConf
                     continue
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    nn.utils.clip_grad_norm_(list(model.parameters()) + extra, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

@@ -58,7 +58,7 @@ def build(stage: str, tcfg: dict, cfg: dict, *, model: nn.Module, vocab, train_r
         from fastcap.distill import build_pmtd
 
         return StageHook(model, build_pmtd(tcfg, student=model, vocab=vocab, train_records=train_records,
-                                           device=device, log=log))
+                                           device=device, log=log, data=cfg["data"]))
     if stage == "qat":
         return build_qat(tcfg, cfg, model=model, vocab=vocab, train_records=train_records, device=device,
                          start=start, extra=extra, log=log)
