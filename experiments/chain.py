@@ -62,12 +62,13 @@ def cpu_ms_per_image(checkpoint: Path, records, n: int = 20) -> float:
     from fastcap.data.transforms import eval_transform
     from fastcap.model.load import load_captioner
 
+    torch.set_flush_denormal(True)
     model, _, _ = load_captioner(checkpoint, "cpu")
     tf = eval_transform(model.cfg.encoder.image_size)
     xs = [tf(load_image(r.path))[None] for r in records[:n]]
     times = []
     with torch.inference_mode():
-        for i, x in enumerate(xs[:3] + xs):
+        for i, x in enumerate(xs[:3] + xs):  # the first 3 warm up
             t = time.perf_counter()
             model.greedy(x)
             if i >= 3:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ def default(out: Path) -> None:
     d = out / "default"
     secs = run("fastcap", ["logger=none", f"hydra.run.dir={d}"])
     m = metrics(d)
-    write("default", "# `python -m fastcap` (defaults: fastcap_tiny, built-in data, 8 epochs)\n\n"
+    write("default", "# `python -m fastcap` (defaults: fastcap_tiny, built-in data, 5 epochs)\n\n"
           "| wall time | best epoch | val CIDEr | BLEU-4 | METEOR | ROUGE-L |\n|---|---|---|---|---|---|\n"
           f"| {secs / 60:.1f} min | {m['epoch']} | {m['CIDEr']:.3f} | {m['Bleu_4']:.3f} | {m['METEOR']:.3f} | "
           f"{m['ROUGE_L']:.3f} |\n\nFull val split (250 images), greedy decoding, 2 CPU cores.\n")
@@ -85,29 +84,14 @@ def finetune(out: Path) -> None:
 
 
 def latency_ms(ckpt: Path, n: int = 30) -> float:
-    import torch
+    """Median CPU greedy latency at batch 1 on the checkpoint's own val images."""
+    from chain import cpu_ms_per_image  # experiments/ is on sys.path when this script runs
 
-    from fastcap.data.coco import load_coco_captions, load_image
-    from fastcap.data.transforms import eval_transform
-    from fastcap.data.world import ensure_world
-    from fastcap.model.load import load_captioner
+    from fastcap.data.splits import DataConfig, load_splits
+    from fastcap.train.checkpoint import load_checkpoint
 
-    torch.set_flush_denormal(True)
-    model, _, state = load_captioner(ckpt, "cpu")
-    d = state["config"]["data"]
-    folder = ensure_world(d["root"], variant=d["variant"], num_train=d["num_train"], num_val=d["num_val"],
-                          num_test=d["num_test"], image_size=d["image_size"], seed=d["seed"], log=lambda *_: None)
-    recs = load_coco_captions(folder / "captions_val.json", folder / "images")[:n]
-    tf = eval_transform(model.cfg.encoder.image_size)
-    xs = [tf(load_image(r.path))[None] for r in recs]
-    times = []
-    with torch.inference_mode():
-        for i, x in enumerate(xs[:5] + xs):
-            t = time.perf_counter()
-            model.greedy(x)
-            if i >= 5:
-                times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    data = DataConfig.from_dict(load_checkpoint(ckpt)["config"]["data"])
+    return cpu_ms_per_image(ckpt, load_splits(data, ("val",), log=lambda *_: None)["val"], n)
 
 
 def quant(out: Path) -> None:

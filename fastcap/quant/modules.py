@@ -183,25 +183,26 @@ class _ActObserver:
             if prefix + b in missing_keys:
                 missing_keys.remove(prefix + b)
 
+    @classmethod
+    def from_float(cls, mod: nn.Module, bits: int, act_bits: int | None = 8,
+                   act_momentum: float = DEFAULT_ACT_MOMENTUM) -> nn.Module:
+        """The fake-quant twin of a float Linear / Conv2d, sharing its parameters."""
+        new = _clone_into(cls, mod)
+        new.bits = check_bits(bits, WEIGHT_BITS)
+        new._init_act(act_bits, mod.weight.device, act_momentum)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
+
 
 class QATLinear(_ActObserver, nn.Linear):
     """``nn.Linear`` whose weight is fake-quantized (STE) and input fake-quantized (EMA range)."""
 
     bits: int
 
-    @classmethod
-    def from_float(cls, mod: nn.Linear, bits: int, act_bits: int | None = 8,
-                   act_momentum: float = DEFAULT_ACT_MOMENTUM) -> "QATLinear":
-        new = _clone_into(cls, mod)
-        new.bits = check_bits(bits, WEIGHT_BITS)
-        new._init_act(act_bits, mod.weight.device, act_momentum)
-        return new
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self._fq_input(x), fake_quant_weight(self.weight, self.bits), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
 
 
 class QATConv2d(_ActObserver, nn.Conv2d):
@@ -209,19 +210,8 @@ class QATConv2d(_ActObserver, nn.Conv2d):
 
     bits: int
 
-    @classmethod
-    def from_float(cls, mod: nn.Conv2d, bits: int, act_bits: int | None = 8,
-                   act_momentum: float = DEFAULT_ACT_MOMENTUM) -> "QATConv2d":
-        new = _clone_into(cls, mod)
-        new.bits = check_bits(bits, WEIGHT_BITS)
-        new._init_act(act_bits, mod.weight.device, act_momentum)
-        return new
-
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self._fq_input(x), fake_quant_weight(self.weight, self.bits), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
 
 
 class QATEmbedding(nn.Embedding):
