@@ -127,3 +127,17 @@ def test_cached_features_refuse_augmentation(tmp_path, data_root):
 
     with pytest.raises(ConfigError, match="model.encoder.freeze=true and data.augment=false"):
         run_train(["data.cache_features=true"], tmp_path, data_root)
+
+
+def test_ema_and_early_stopping(tmp_path, data_root):
+    logs = []
+    from conftest import compose_cfg
+    from fastcap.train.recipe import Job, train
+
+    cfg = compose_cfg(["training.ema_decay=0.9", "training.patience=1", "training.num_epochs=4",
+                       "training.lr=1e-9", "training.warmup_steps=1"], data_root)
+    train(cfg, Job(tmp_path), log=logs.append)
+    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pth.tar")
+    assert state["ema"] is not None
+    # with a learning rate of 1e-9 val CIDEr cannot improve after epoch 1: patience 1 stops at epoch 2
+    assert any("early stopping" in m for m in logs) and state["epoch"] == 2

@@ -150,3 +150,25 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         ensure_world(tmp_path, variant="noisy", log=lambda m: None)
     with pytest.raises(ValueError):
         ensure_world(tmp_path, num_train=-1, log=lambda m: None)
+
+
+def test_a_constant_caption_scores_near_zero_cider(tmp_path):
+    """The built-in world cannot be solved by always saying the same thing."""
+    import json
+
+    from fastcap.eval.metrics import CaptionScorer
+
+    folder = ensure_world(tmp_path, num_train=300, num_val=200, num_test=2, image_size=32, log=lambda *_: None)
+    val = json.loads((folder / "captions_val.json").read_text())
+    refs: dict[int, list[str]] = {}
+    for a in val["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    train = json.loads((folder / "captions_train.json").read_text())
+    from collections import Counter
+
+    common = Counter(a["caption"] for a in train["annotations"]).most_common(1)[0][0]
+    with CaptionScorer(meteor=False, log=lambda *_: None) as scorer:
+        constant, _ = scorer.score(refs, {i: common for i in refs})
+        own, _ = scorer.score(refs, {i: r[0] for i, r in refs.items()})
+    assert constant["CIDEr"] < 0.1
+    assert own["CIDEr"] > 2.0  # one human-like reference against the other four
