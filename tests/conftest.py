@@ -35,6 +35,7 @@ TINY = [
     "training.warmup_steps=2",
     "training.lr=3e-3",
     "eval.max_images=0",
+    "eval.meteor=false",  # the METEOR JVM costs ~15 s of CPU per job; test_tiny_job_writes_every_output keeps it
 ]
 
 

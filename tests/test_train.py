@@ -15,7 +15,7 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def test_tiny_job_writes_every_output(tmp_path, data_root):
-    best = run_train([], tmp_path, data_root)
+    best = run_train(["eval.meteor=true"], tmp_path, data_root)
     for name in ("checkpoint.pth.tar", "best_checkpoint.pth.tar"):
         state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)  # must be safe to load
         for key in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "vocab", "config", "model_config"):
