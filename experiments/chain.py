@@ -81,7 +81,7 @@ def summarize(out: Path, chain: dict, extra: list[str]) -> str:
 
     from fastcap.data.splits import DataConfig, load_splits
     from fastcap.model.load import load_captioner
-    from fastcap.train.checkpoint import load_checkpoint
+    from fastcap.train.checkpoint import load_checkpoint, saved_size
 
     rows = []
     entries = [("finetune", t, out / "finetune" / t) for t in chain["teachers"]]
@@ -103,7 +103,7 @@ def summarize(out: Path, chain: dict, extra: list[str]) -> str:
         if state.get("kind") == "quantized":
             size = ckpt.stat().st_size
         else:  # the weights alone, as a deployed float32 model would ship
-            size = len(_saved(model.state_dict()))
+            size = saved_size(model.state_dict())
         params = sum(p.numel() for p in torch.nn.Module.parameters(model)) if state.get("kind") != "quantized" \
             else _params_of(state)
         rows.append([stage, model_name, f"{params / 1e6:.2f}M", f"{size / 1e6:.2f}", f"{m['CIDEr']:.3f}",
@@ -122,16 +122,6 @@ def summarize(out: Path, chain: dict, extra: list[str]) -> str:
         logger.log_table("chain/summary", head, rows)
         logger.finish()
     return table
-
-
-def _saved(obj) -> bytes:
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def _params_of(state: dict) -> int:

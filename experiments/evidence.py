@@ -112,8 +112,9 @@ def quant(out: Path) -> None:
     import torch
 
     from fastcap.model.load import load_captioner
+    from fastcap.train.checkpoint import saved_size
 
-    float_mb = len(_bytes(load_captioner(best)[0].state_dict())) / 1e6
+    float_mb = saved_size(load_captioner(best)[0].state_dict()) / 1e6
     rows = [("float32", qm["float"], float_mb, latency_ms(best)),
             ("PTQ int8", qm["ptq_int8"], (int8 / "quantized_model.pth").stat().st_size / 1e6,
              latency_ms(int8 / "quantized_model.pth")),
@@ -133,16 +134,6 @@ def quant(out: Path) -> None:
     text += ("\nCIDEr: full val split (250 images), greedy. Size: the file on disk (float32: the weights alone). "
              f"Latency: median of 30 images after warm-up, {torch.get_num_threads()} threads.\n")
     write("quantization", text)
-
-
-def _bytes(obj) -> bytes:
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def main() -> None:

@@ -10,8 +10,6 @@ to the float model and an all-int8 PTQ baseline.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -19,17 +17,6 @@ import torch
 from omegaconf import DictConfig
 
 from fastcap.cli import guarded, job_from_hydra, plain
-
-
-def file_size(obj) -> int:
-    """Bytes torch.save writes for obj."""
-    fd, tmp = tempfile.mkstemp(suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        return os.path.getsize(tmp)
-    finally:
-        os.unlink(tmp)
 
 
 def quantize(cfg: dict, out_dir: Path, job_name: str = "quantize", log=print) -> dict:
@@ -43,7 +30,7 @@ def quantize(cfg: dict, out_dir: Path, job_name: str = "quantize", log=print) ->
     from fastcap.model.load import build_from_state, require_float
     from fastcap.quant import format_report, model_size_bytes, plot_sensitivity, report_dict
     from fastcap.quant.captioner import QuantConfig, analyse, calibration_batch, ptq, quantized_checkpoint
-    from fastcap.train.checkpoint import load_checkpoint, save_checkpoint
+    from fastcap.train.checkpoint import load_checkpoint, save_checkpoint, saved_size
 
     if not cfg.get("checkpoint"):
         raise ConfigError("give checkpoint=PATH, the float model to quantize (e.g. .../best_checkpoint.pth.tar)")
@@ -69,7 +56,7 @@ def quantize(cfg: dict, out_dir: Path, job_name: str = "quantize", log=print) ->
     qmodel = ptq(model, allocation, qcfg, batch)
     out_path = Path(cfg.get("output_path") or out_dir / "quantized_model.pth")
     save_checkpoint(quantized_checkpoint(qmodel, state, allocation=allocation, source=str(cfg["checkpoint"])), out_path)
-    float_bytes = file_size(model.state_dict())
+    float_bytes = saved_size(model.state_dict())
     q_bytes = out_path.stat().st_size
     sizes = {"float32_mb": float_bytes / 1e6, "quantized_mb": q_bytes / 1e6, "ratio": q_bytes / float_bytes,
              "quantized_tensor_mb": model_size_bytes(qmodel) / 1e6}

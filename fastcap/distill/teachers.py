@@ -28,8 +28,9 @@ from torch import Tensor
 
 from fastcap.data.vocab import UNK_ID, Vocab
 from fastcap.device import ConfigError
-from fastcap.model.captioner import FastCap, ModelConfig
-from fastcap.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from fastcap.model.captioner import FastCap
+from fastcap.model.load import build_from_state
+from fastcap.train.checkpoint import CheckpointError, load_checkpoint
 
 # Logit given to student words the teacher does not know: exp() of it is exactly 0 at any sane
 # temperature, yet it stays finite so 0 * log(0) never turns into NaN. Fits in fp16 for the cache.
@@ -112,10 +113,7 @@ def load_teacher(path: str | Path, student_vocab: Vocab, device: torch.device, *
             raise CheckpointError(f"training.teachers: {path} has no '{key}' entry, so it cannot be rebuilt "
                                   "as a teacher (use a checkpoint written by a FastCap training stage)")
     vocab = Vocab(state["vocab"])
-    cfg = ModelConfig.from_dict(state["model_config"])
-    cfg.vocab_size = len(vocab)
-    model = FastCap(cfg)
-    load_model_weights(model, state["model"], strict=True, source=f"teacher checkpoint {path}")
+    model = build_from_state(state, f"teacher checkpoint {path}")
     model.requires_grad_(False)
     model.eval()
     if bf16:

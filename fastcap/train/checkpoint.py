@@ -6,6 +6,7 @@ code. It carries the model config and vocabulary, so it is self-describing.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -39,6 +40,13 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def saved_size(obj) -> int:
+    """Bytes `torch.save` writes for obj (how big a file of it would be)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
 
 
 def load_checkpoint(path: str | Path) -> dict:
