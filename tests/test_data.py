@@ -171,3 +171,66 @@ def test_malformed_corpus_line_names_the_pair(tmp_path):
         recs[1]
     with pytest.raises(DataError, match="not valid JSON"):
         CorpusRecords(write(tmp_path / "c.jsonl", "{oops\n"), tmp_path)
+
+
+def write_shards(folder, recs, per_shard: int = 10, json_every: int = 3) -> str:
+    """webdataset's own writer: the format img2dataset and `webdataset.ShardWriter` produce."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(recs), per_shard):
+        with wds.TarWriter(str(folder / f"part-{s // per_shard:03d}.tar")) as sink:
+            for r in recs[s: s + per_shard]:
+                sample = {"__key__": f"{r.image_id:09d}", "jpg": open(r.path, "rb").read()}
+                if r.image_id % json_every:
+                    sample["txt"] = r.captions[0]
+                else:
+                    sample["json"] = {"caption": r.captions[0], "url": "http://example.com/x.jpg"}
+                sink.write(sample)
+    return str(folder / f"part-{{000..{(len(recs) - 1) // per_shard:03d}}}.tar")
+
+
+@needs_coco_mini
+def test_webdataset_tar_shards_train_with_a_coco_val_split(tmp_path):
+    from fastcap.data.coco import read_image
+    from fastcap.data.shards import ShardRecords
+
+    recs = load_coco_captions(COCO_MINI / "captions_train2017.json", COCO_MINI / "images")
+    spec = write_shards(tmp_path / "shards", recs)
+    lazy = ShardRecords(spec)
+    assert len(lazy) == len(recs) == 26 and len(lazy.shards) == 3
+    assert [r.captions[0] for r in lazy] == [r.captions[0].strip() for r in recs]  # .txt and .json captions
+    assert read_image(lazy[4]).size == read_image(recs[4]).size  # the JPEG read out of the tar
+    assert len(ShardRecords(str(tmp_path / "shards"))) == 26  # a folder of shards works too
+    metrics = run_train(["data=corpus", f"data.train_annotations='{spec}'", "data.num_workers=0",
+                         f"data.val_annotations={COCO_MINI}/captions_val2017.json", f"data.image_dir={COCO_MINI}/images",
+                         "data.min_word_count=1", "training.num_epochs=1", "data.pin_memory=false"], tmp_path / "run")
+    assert metrics["num_images"] == 25
+
+
+def test_bad_tar_shards_fail_naming_the_shard_and_sample(tmp_path):
+    import tarfile
+
+    from fastcap.data.coco import ImageRecord, read_image
+    from fastcap.data.shards import ShardRecords
+
+    with pytest.raises(DataError, match="no tar shards match"):
+        ShardRecords(str(tmp_path / "none-*.tar"))
+    with pytest.raises(DataError, match="tar shard not found"):
+        ShardRecords(str(tmp_path / "missing.tar"))
+    with pytest.raises(DataError, match="compressed"):
+        ShardRecords(str(tmp_path / "x.tar.gz"))
+    (tmp_path / "img.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "img.txt").write_text("a caption")
+    (tmp_path / "lonely.jpg").write_bytes(b"x")
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        tar.add(tmp_path / "lonely.jpg", arcname="lonely.jpg")
+    with pytest.raises(DataError, match=r"bad.tar: sample 'lonely' has no caption"):
+        ShardRecords(str(tmp_path / "bad.tar"))
+    with tarfile.open(tmp_path / "corrupt.tar", "w") as tar:
+        tar.add(tmp_path / "img.jpg", arcname="img.jpg")
+        tar.add(tmp_path / "img.txt", arcname="img.txt")
+    rec = ShardRecords(str(tmp_path / "corrupt.tar"))[0]
+    assert isinstance(rec, ImageRecord) and rec.member == "img.jpg" and rec.captions == ("a caption",)
+    with pytest.raises(DataError, match=r"cannot read image img.jpg in tar shard .*corrupt.tar"):
+        read_image(rec)

@@ -8,6 +8,7 @@ and the fault named.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ class ImageRecord:
     image_id: int
     path: str
     captions: tuple[str, ...]
+    # An image stored inside `path` (a tar shard): its bytes are path[offset : offset + size].
+    member: str = ""
+    offset: int = -1
+    size: int = 0
 
 
 def _read_json(path: str | Path, what: str) -> object:
@@ -122,6 +127,19 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
+def read_image(rec: ImageRecord) -> Image.Image:
+    """A record's image, from its own file or from its member of a tar shard."""
+    if rec.offset < 0:
+        return load_image(rec.path)
+    try:
+        with open(rec.path, "rb") as f:
+            f.seek(rec.offset)
+            with Image.open(io.BytesIO(f.read(rec.size))) as im:
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read image {rec.member} in tar shard {rec.path}: {e}") from None
+
+
 class CaptionDataset(Dataset):
     """(image, up to `seq_per_img` encoded captions) per image.
 
@@ -141,7 +159,7 @@ class CaptionDataset(Dataset):
         self.epoch = epoch
 
     def _load(self, index: int, rec: ImageRecord):
-        return load_image(rec.path)
+        return read_image(rec)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -178,7 +196,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         try:
-            img = load_image(self.records[index].path)
+            img = read_image(self.records[index])
         except DataError:
             if self.skip_bad_images:
                 return None

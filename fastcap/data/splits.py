@@ -11,7 +11,7 @@ FORMATS = ("synthetic", "coco", "karpathy", "corpus")
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    format: str = "synthetic"          # synthetic | coco | karpathy | corpus (TSV/JSONL + image folder)
+    format: str = "synthetic"          # synthetic | coco | karpathy | corpus (tar shards, or TSV/JSONL + image folder)
     # built-in caption world
     root: str = "outputs/data"
     variant: str = "clean"             # clean | web
@@ -67,11 +67,16 @@ def load_splits(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), log
     elif cfg.format == "corpus":
         from fastcap.data.corpus import CorpusRecords
 
+        from fastcap.data.shards import ShardRecords, is_shard_spec
+
         for s in splits:
             path = getattr(cfg, f"{s}_annotations")
+            if path and is_shard_spec(path):
+                out[s] = ShardRecords(path)  # webdataset tar shards: images inside, no image_dir
+                continue
             if not path or not cfg.image_dir:
-                raise DataError(f"data.format=corpus needs data.{s}_annotations=PATH (a .tsv/.jsonl captions file, "
-                                "or a COCO captions .json for val/test) and data.image_dir=PATH")
+                raise DataError(f"data.format=corpus needs data.{s}_annotations=PATH (webdataset .tar shards, or a "
+                                ".tsv/.jsonl captions file or a COCO captions .json with data.image_dir=PATH)")
             if Path(path).suffix.lower() in (".tsv", ".jsonl", ".txt"):
                 out[s] = CorpusRecords(path, cfg.image_dir)  # lazy: image files are checked when read
             else:

@@ -57,6 +57,19 @@ def evaluate_records(model: nn.Module, records: list[ImageRecord], vocab: Vocab,
     return scores, per_image, caps
 
 
+def _image_file(rec: ImageRecord, folder: Path) -> str:
+    """A file holding the record's image: its own, or its tar shard member copied out (for the gallery and W&B)."""
+    if rec.offset < 0:
+        return rec.path
+    dest = folder / Path(rec.member).name
+    if not dest.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(rec.path, "rb") as f:
+            f.seek(rec.offset)
+            dest.write_bytes(f.read(rec.size))
+    return str(dest)
+
+
 def write_report(out_dir: str | Path, split: str, records: list[ImageRecord], caps: dict[int, str],
                  per_image: dict[int, float], logger=None) -> list[dict]:
     """captions_<split>.json (COCO results) and gallery.html; the worst 50 also to the logger as a table."""
@@ -66,7 +79,7 @@ def write_report(out_dir: str | Path, split: str, records: list[ImageRecord], ca
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(caps, out_dir / f"captions_{split}.json")
     by_id = {r.image_id: r for r in records}
-    items = [{"image_path": by_id[i].path, "image_id": i, "caption": c, "references": list(by_id[i].captions),
+    items = [{"image_path": _image_file(by_id[i], out_dir / "images"), "image_id": i, "caption": c, "references": list(by_id[i].captions),
               "cider": per_image.get(i, 0.0)} for i, c in caps.items()]
     write_gallery(out_dir / "gallery.html", items, title=f"FastCap captions ({split})")
     if logger is not None:
