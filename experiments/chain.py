@@ -4,6 +4,9 @@
     python experiments/chain.py --recipe chain_full    # the documented full recipe
     python experiments/chain.py --recipe chain_smoke logger=none   # extra overrides go to every stage
 
+A recipe may add a `baseline` stage (the student trained without teachers at the distill
+budget) so that the summary shows what distillation bought.
+
 Each stage is a Hydra multirun of the one entry point (`python -m fastcap -m ...` or
 `python -m fastcap.quantize -m ...`) into <out>/<stage>/<model>/, with
 hydra.sweeper.max_batch_size=1 so a failing job stops the chain at once. A stage finds
@@ -85,6 +88,8 @@ def summarize(out: Path, chain: dict, extra: list[str]) -> str:
 
     rows = []
     entries = [("finetune", t, out / "finetune" / t) for t in chain["teachers"]]
+    if (out / "baseline").is_dir():
+        entries.append(("baseline (no teachers)", chain["student"], out / "baseline" / chain["student"]))
     entries += [("distill", chain["student"], out / "distill" / chain["student"]),
                 ("ptq", chain["student"], out / "quantize" / "model"),
                 ("qat", chain["student"], out / "qat" / chain["student"])]
@@ -154,6 +159,9 @@ def main() -> None:
     run_stage("distill", "fastcap", common + [
         "training=distill", f"model={chain['student']}", f"training.teachers=[{teacher_paths}]",
         *stage.get("distill", [])], out, manifest)
+    if "baseline" in stage:  # the same student without teachers, for the summary's comparison
+        run_stage("baseline", "fastcap", common + ["training=scratch",
+                                                   f"model={chain['student']}", *stage["baseline"]], out, manifest)
     student_best = out / "distill" / chain["student"] / best
     quant_args = [a for a in a.overrides if a.startswith(("logger", "device"))]
     run_stage("quantize", "fastcap.quantize", [

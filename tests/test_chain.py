@@ -18,11 +18,12 @@ def test_chain_smoke_runs_every_stage_and_summarises(tmp_path):
                        timeout=1500)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["pretrain", "finetune", "distill", "quantize", "qat"]
+    assert list(manifest["stages"]) == ["pretrain", "finetune", "distill", "baseline", "quantize", "qat"]
     for teacher in ("fastcap_small", "fastcap_base"):
         assert (out / "finetune" / teacher / "checkpoints" / "best_checkpoint.pth.tar").exists()
     summary = (out / "summary.md").read_text()
-    for row in ("| finetune | fastcap_base", "| distill | fastcap_tiny", "| ptq | fastcap_tiny", "| qat | fastcap_tiny"):
+    for row in ("| finetune | fastcap_base", "| baseline (no teachers) | fastcap_tiny", "| distill | fastcap_tiny",
+                "| ptq | fastcap_tiny", "| qat | fastcap_tiny"):
         assert row in summary
     assert "CPU ms/image" in summary and "FastCap chain summary" in r.stdout
 

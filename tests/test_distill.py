@@ -328,7 +328,7 @@ def test_cli_without_teachers_is_a_short_error(tmp_path):
 # --- evidence, test-sized -----------------------------------------------------------------------------------
 def test_distilled_student_beats_the_same_student_trained_alone(tmp_path, data_root):
     """Issue #6's claim at test size: two larger teachers (trained here), then the same tiny student for the
-    same steps with and without PMTD, on two seeds. README's evidence table is the full-size version."""
+    same steps with and without PMTD, on three seeds. README's evidence table is the full-size version."""
     data = ["data.num_train=200", "data.num_val=100", "data.augment=false", "eval.max_images=0"]
     teachers = []
     for i, width in enumerate((64, 96)):  # both larger than the 32-wide student; trained longer
@@ -339,11 +339,12 @@ def test_distilled_student_beats_the_same_student_trained_alone(tmp_path, data_r
         teachers.append(out / "checkpoints" / "best_checkpoint.pth.tar")
     student = data + ["training.num_epochs=5"]
     plain, pmtd = [], []
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         plain.append(run_train(student + [f"seed={seed}"], tmp_path / f"plain{seed}", data_root)["CIDEr"])
         pmtd.append(run_train(student + [f"seed={seed}", "training=distill",
                                          f"training.teachers=[{teachers[0]},{teachers[1]}]"],
                               tmp_path / f"pmtd{seed}", data_root)["CIDEr"])
+    print(f"val CIDEr, plain {plain}, PMTD {pmtd}")
     # Both learned something (a constant caption scores < 0.1 on this world), and distillation helped.
     assert min(plain) > 0.05, plain
-    assert sum(pmtd) / 2 > sum(plain) / 2, f"PMTD {pmtd} vs plain {plain}"
+    assert sum(pmtd) > sum(plain), f"mean over the seeds: PMTD {pmtd} vs plain {plain}"
