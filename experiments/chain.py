@@ -61,14 +61,14 @@ def cpu_ms_per_image(checkpoint: Path, records, n: int = 20) -> float:
     """Median CPU latency of greedy decoding at batch 1 (after warm-up)."""
     import torch
 
-    from fastcap.data.coco import load_image
+    from fastcap.data.coco import read_image
     from fastcap.data.transforms import eval_transform
     from fastcap.model.load import load_captioner
 
     torch.set_flush_denormal(True)
     model, _, _ = load_captioner(checkpoint, "cpu")
     tf = eval_transform(model.cfg.encoder.image_size)
-    xs = [tf(load_image(r.path))[None] for r in records[:n]]
+    xs = [tf(read_image(r))[None] for r in records[:n]]
     times = []
     with torch.inference_mode():
         for i, x in enumerate(xs[:3] + xs):  # the first 3 warm up

@@ -127,15 +127,20 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
+def member_bytes(rec: ImageRecord) -> bytes:
+    """The encoded image of a record stored inside a tar shard (rec.offset >= 0)."""
+    with open(rec.path, "rb") as f:
+        f.seek(rec.offset)
+        return f.read(rec.size)
+
+
 def read_image(rec: ImageRecord) -> Image.Image:
     """A record's image, from its own file or from its member of a tar shard."""
     if rec.offset < 0:
         return load_image(rec.path)
     try:
-        with open(rec.path, "rb") as f:
-            f.seek(rec.offset)
-            with Image.open(io.BytesIO(f.read(rec.size))) as im:
-                return im.convert("RGB")
+        with Image.open(io.BytesIO(member_bytes(rec))) as im:
+            return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"cannot read image {rec.member} in tar shard {rec.path}: {e}") from None
 

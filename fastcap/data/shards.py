@@ -65,6 +65,19 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
+def _caption(raw: str, is_json: bool, where: str) -> str:
+    """The caption of a .txt member, or the 'caption' / 'text' string of a .json one."""
+    if is_json:
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: caption .json is not valid JSON ({e})") from None
+        raw = next((obj[k] for k in ("caption", "text") if isinstance(obj, dict) and k in obj), None)
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataError(f"{where}: empty caption (expected a non-empty .txt, or .json with a 'caption' string)")
+    return raw.strip()
+
+
 class ShardRecords(Sequence):
     """A lazy, random-access list of ImageRecords over uncompressed webdataset tar shards."""
 
@@ -103,34 +116,18 @@ class ShardRecords(Sequence):
     def __len__(self) -> int:
         return len(self.index)
 
-    def member(self, i: int) -> str:
-        """The image member's name, read back from its tar header (not kept in memory)."""
-        s, off = int(self.index[i][0]), int(self.index[i][1])
-        with open(self.shards[s], "rb") as f:
-            f.seek(off - tarfile.BLOCKSIZE)
-            return f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-    def caption(self, i: int) -> str:
-        s, _, _, off, size, is_json = (int(v) for v in self.index[i])
-        with open(self.shards[s], "rb") as f:
-            f.seek(off)
-            raw = f.read(size).decode("utf-8")
-        where = f"tar shard {self.shards[s]}, sample '{_split_key(self.member(i))[0]}'"
-        if is_json:
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: caption .json is not valid JSON ({e})") from None
-            raw = next((obj[k] for k in ("caption", "text") if isinstance(obj, dict) and k in obj), None)
-        if not isinstance(raw, str) or not raw.strip():
-            raise DataError(f"{where}: empty caption (expected a non-empty .txt, or .json with a 'caption' string)")
-        return raw.strip()
-
     def __getitem__(self, i: int) -> ImageRecord:  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        s, off, size = (int(v) for v in self.index[i][:3])
-        return ImageRecord(i, self.shards[s], (self.caption(i),), member=self.member(i), offset=off, size=size)
+        s, img_off, img_size, cap_off, cap_size, is_json = (int(v) for v in self.index[i])
+        with open(self.shards[s], "rb") as f:  # one open per sample: the member's name (its header), the caption
+            f.seek(img_off - tarfile.BLOCKSIZE)
+            member = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")  # not kept in memory
+            f.seek(cap_off)
+            raw = f.read(cap_size).decode("utf-8")
+        where = f"tar shard {self.shards[s]}, sample '{_split_key(member)[0]}'"
+        return ImageRecord(i, self.shards[s], (_caption(raw, bool(is_json), where),), member=member,
+                           offset=img_off, size=img_size)
 
     def __iter__(self) -> Iterator[ImageRecord]:
         for i in range(len(self)):

@@ -66,7 +66,6 @@ def load_splits(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), log
             out[s] = load_karpathy(cfg.karpathy_split, cfg.image_dir, s)
     elif cfg.format == "corpus":
         from fastcap.data.corpus import CorpusRecords
-
         from fastcap.data.shards import ShardRecords, is_shard_spec
 
         for s in splits:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fastcap.data.coco import ImageDataset, ImageRecord, collate
+from fastcap.data.coco import ImageDataset, ImageRecord, collate, member_bytes
 from fastcap.data.vocab import Vocab
 
 
@@ -64,9 +64,7 @@ def _image_file(rec: ImageRecord, folder: Path) -> str:
     dest = folder / Path(rec.member).name
     if not dest.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        with open(rec.path, "rb") as f:
-            f.seek(rec.offset)
-            dest.write_bytes(f.read(rec.size))
+        dest.write_bytes(member_bytes(rec))
     return str(dest)
 
 
@@ -79,8 +77,8 @@ def write_report(out_dir: str | Path, split: str, records: list[ImageRecord], ca
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(caps, out_dir / f"captions_{split}.json")
     by_id = {r.image_id: r for r in records}
-    items = [{"image_path": _image_file(by_id[i], out_dir / "images"), "image_id": i, "caption": c, "references": list(by_id[i].captions),
-              "cider": per_image.get(i, 0.0)} for i, c in caps.items()]
+    items = [{"image_path": _image_file(by_id[i], out_dir / "images"), "image_id": i, "caption": c,
+              "references": list(by_id[i].captions), "cider": per_image.get(i, 0.0)} for i, c in caps.items()]
     write_gallery(out_dir / "gallery.html", items, title=f"FastCap captions ({split})")
     if logger is not None:
         logger.log_captions(f"{split}/captions", sorted(items, key=lambda it: it["cider"])[:50])
